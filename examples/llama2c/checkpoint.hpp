@@ -22,13 +22,18 @@
 #include <Eigen/Core>
 
 #include <bit>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <istream>
 #include <limits>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <vector>
 
@@ -92,25 +97,36 @@ namespace detail {
 
 inline constexpr std::uint64_t checkpoint_header_bytes = 7 * sizeof(std::int32_t);
 
-inline std::string quoted(const std::filesystem::path& path) { return "'" + path.string() + "'"; }
+// Quotes a file path or buffer name for error messages.
+inline std::string quoted(std::string_view source) { return "'" + std::string(source) + "'"; }
+inline std::string quoted(const std::filesystem::path& path) { return quoted(std::string_view(path.string())); }
+
+// Lists the header fields for error messages, with vocab_size negative
+// when the file has a separate classifier, as the file stores it.
+inline std::string describe_header(const ModelConfig& config) {
+  std::ostringstream text;
+  text << "dim " << config.dim << ", hidden_dim " << config.hidden_dim << ", n_layers " << config.n_layers
+       << ", n_heads " << config.n_heads << ", n_kv_heads " << config.n_kv_heads << ", vocab_size "
+       << (config.shared_classifier ? "" : "-") << config.vocab_size << ", seq_len " << config.seq_len;
+  return text.str();
+}
+
+[[noreturn]] inline void throw_size_overflow(const ModelConfig& config, std::string_view source) {
+  throw FileFormatError("checkpoint " + quoted(source) + ": the header (" + describe_header(config) +
+                        ") describes more than 2^64 bytes of weights; the file is not a llama2.c checkpoint");
+}
 
 // Multiplies sizes read from a header, reporting overflow as a format error
 // because no real checkpoint comes close to 2^64 bytes.
-inline std::uint64_t checked_multiply(std::uint64_t a, std::uint64_t b, const std::filesystem::path& path) {
-  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) {
-    throw FileFormatError("checkpoint " + quoted(path) +
-                          ": the header describes more than 2^64 bytes of weights; "
-                          "the file is not a llama2.c checkpoint");
-  }
+inline std::uint64_t checked_multiply(std::uint64_t a, std::uint64_t b, const ModelConfig& config,
+                                      std::string_view source) {
+  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) throw_size_overflow(config, source);
   return a * b;
 }
 
-inline std::uint64_t checked_add(std::uint64_t a, std::uint64_t b, const std::filesystem::path& path) {
-  if (b > std::numeric_limits<std::uint64_t>::max() - a) {
-    throw FileFormatError("checkpoint " + quoted(path) +
-                          ": the header describes more than 2^64 bytes of weights; "
-                          "the file is not a llama2.c checkpoint");
-  }
+inline std::uint64_t checked_add(std::uint64_t a, std::uint64_t b, const ModelConfig& config,
+                                 std::string_view source) {
+  if (b > std::numeric_limits<std::uint64_t>::max() - a) throw_size_overflow(config, source);
   return a + b;
 }
 
@@ -141,30 +157,76 @@ inline std::ifstream open_binary_or_throw(const std::filesystem::path& path, con
   return in;
 }
 
-inline void read_floats(std::ifstream& in, float* out, std::uint64_t count, const std::filesystem::path& path,
-                        const char* tensor) {
-  in.read(reinterpret_cast<char*>(out), static_cast<std::streamsize>(count * sizeof(float)));
-  if (!in) {
-    throw FileFormatError("checkpoint " + quoted(path) + ": read failed in tensor " + tensor +
+// Byte readers for the checkpoint and tokenizer parsers. A file and a memory
+// buffer go through the same parser and its checks, and only these readers
+// differ. The parsers check every size against the total before reading, so
+// a failed read means the file changed while it was loaded.
+class MemoryReader {
+ public:
+  explicit MemoryReader(std::span<const std::byte> bytes) : bytes_(bytes) {}
+
+  // Copies the next `count` bytes to `out`, or returns false and copies
+  // nothing when fewer remain.
+  bool read(void* out, std::uint64_t count) {
+    if (count > bytes_.size() - offset_) return false;
+    if (count > 0) std::memcpy(out, bytes_.data() + offset_, static_cast<std::size_t>(count));
+    offset_ += static_cast<std::size_t>(count);
+    return true;
+  }
+
+  bool skip(std::uint64_t count) {
+    if (count > bytes_.size() - offset_) return false;
+    offset_ += static_cast<std::size_t>(count);
+    return true;
+  }
+
+ private:
+  std::span<const std::byte> bytes_;
+  std::size_t offset_ = 0;
+};
+
+class StreamReader {
+ public:
+  explicit StreamReader(std::istream& in) : in_(in) {}
+
+  bool read(void* out, std::uint64_t count) {
+    in_.read(static_cast<char*>(out), static_cast<std::streamsize>(count));
+    return static_cast<bool>(in_);
+  }
+
+  bool skip(std::uint64_t count) {
+    in_.seekg(static_cast<std::streamoff>(count), std::ios::cur);
+    return static_cast<bool>(in_);
+  }
+
+ private:
+  std::istream& in_;
+};
+
+template <class Reader>
+void read_floats(Reader& reader, float* out, std::uint64_t count, std::string_view source, const char* tensor) {
+  if (!reader.read(out, count * sizeof(float))) {
+    throw FileFormatError("checkpoint " + quoted(source) + ": read failed in tensor " + tensor +
                           " although the file size matched the header; was the file changed while loading?");
   }
 }
 
-inline void read_matrix(std::ifstream& in, RowMatrixXf& out, int rows, int cols, const std::filesystem::path& path,
-                        const char* tensor) {
+template <class Reader>
+void read_matrix(Reader& reader, RowMatrixXf& out, int rows, int cols, std::string_view source,
+                 const char* tensor) {
   out.resize(rows, cols);
-  read_floats(in, out.data(), static_cast<std::uint64_t>(out.size()), path, tensor);
+  read_floats(reader, out.data(), static_cast<std::uint64_t>(out.size()), source, tensor);
 }
 
-inline void read_vector(std::ifstream& in, Eigen::VectorXf& out, int size, const std::filesystem::path& path,
-                        const char* tensor) {
+template <class Reader>
+void read_vector(Reader& reader, Eigen::VectorXf& out, int size, std::string_view source, const char* tensor) {
   out.resize(size);
-  read_floats(in, out.data(), static_cast<std::uint64_t>(size), path, tensor);
+  read_floats(reader, out.data(), static_cast<std::uint64_t>(size), source, tensor);
 }
 
-inline void require_positive_field(const char* field, std::int32_t value, const std::filesystem::path& path) {
+inline void require_positive_field(const char* field, std::int32_t value, std::string_view source) {
   if (value <= 0) {
-    throw FileFormatError("checkpoint " + quoted(path) + ": header field " + field + " is " +
+    throw FileFormatError("checkpoint " + quoted(source) + ": header field " + field + " is " +
                           std::to_string(value) +
                           " but must be positive; the file is not a llama2.c checkpoint in the legacy "
                           "float32 format (export.py --version 0)");
@@ -174,21 +236,21 @@ inline void require_positive_field(const char* field, std::int32_t value, const 
 }  // namespace detail
 
 // Checks the seven header fields and returns the config they describe.
-// `path` only names the file in error messages.
-inline ModelConfig validate_checkpoint_header(const std::int32_t (&header)[7], const std::filesystem::path& path) {
+// `source` only names the file or buffer in error messages.
+inline ModelConfig validate_checkpoint_header(const std::int32_t (&header)[7], std::string_view source) {
   const char* names[7] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"};
   for (int i = 0; i < 7; ++i) {
     if (i == 5) {
       // A negative vocab_size is llama2.c's flag for a separate classifier.
       if (header[i] == 0 || header[i] == std::numeric_limits<std::int32_t>::min()) {
-        throw FileFormatError("checkpoint " + detail::quoted(path) + ": header field vocab_size is " +
+        throw FileFormatError("checkpoint " + detail::quoted(source) + ": header field vocab_size is " +
                               std::to_string(header[i]) +
                               " but must be nonzero (negative means a separate classifier follows); "
                               "the file is not a llama2.c checkpoint");
       }
       continue;
     }
-    detail::require_positive_field(names[i], header[i], path);
+    detail::require_positive_field(names[i], header[i], source);
   }
 
   ModelConfig config;
@@ -201,7 +263,7 @@ inline ModelConfig validate_checkpoint_header(const std::int32_t (&header)[7], c
   config.shared_classifier = header[5] > 0;
   config.seq_len = header[6];
 
-  const auto where = "checkpoint " + detail::quoted(path) + ": ";
+  const auto where = "checkpoint " + detail::quoted(source) + ": ";
   if (config.dim % config.n_heads != 0) {
     throw FileFormatError(where + "dim " + std::to_string(config.dim) + " is not divisible by n_heads " +
                           std::to_string(config.n_heads) + "; the header is corrupt or not from llama2.c");
@@ -219,9 +281,7 @@ inline ModelConfig validate_checkpoint_header(const std::int32_t (&header)[7], c
 }
 
 // Returns the exact size in bytes of a checkpoint file with this config.
-inline std::uint64_t expected_checkpoint_bytes(const ModelConfig& config, const std::filesystem::path& path) {
-  using detail::checked_add;
-  using detail::checked_multiply;
+inline std::uint64_t expected_checkpoint_bytes(const ModelConfig& config, std::string_view source) {
   const std::uint64_t dim = static_cast<std::uint64_t>(config.dim);
   const std::uint64_t hidden = static_cast<std::uint64_t>(config.hidden_dim);
   const std::uint64_t layers = static_cast<std::uint64_t>(config.n_layers);
@@ -230,47 +290,48 @@ inline std::uint64_t expected_checkpoint_bytes(const ModelConfig& config, const 
   const std::uint64_t head_dim = static_cast<std::uint64_t>(config.head_dim());
   const std::uint64_t seq_len = static_cast<std::uint64_t>(config.seq_len);
 
-  const std::uint64_t embedding = checked_multiply(vocab, dim, path);
-  std::uint64_t per_layer = checked_multiply(2, dim, path);                               // rms_att, rms_ffn
-  per_layer = checked_add(per_layer, checked_multiply(2, checked_multiply(dim, dim, path), path), path);  // wq, wo
-  per_layer = checked_add(per_layer, checked_multiply(2, checked_multiply(kv_dim, dim, path), path), path);  // wk, wv
-  per_layer = checked_add(per_layer, checked_multiply(3, checked_multiply(hidden, dim, path), path), path);  // w1..w3
-  const std::uint64_t freq_cis = checked_multiply(seq_len, head_dim, path);  // real and imag, head_dim / 2 each
+  auto multiply = [&](std::uint64_t a, std::uint64_t b) { return detail::checked_multiply(a, b, config, source); };
+  auto add = [&](std::uint64_t a, std::uint64_t b) { return detail::checked_add(a, b, config, source); };
 
-  std::uint64_t floats = checked_add(embedding, checked_multiply(layers, per_layer, path), path);
-  floats = checked_add(floats, dim, path);  // rms_final
-  floats = checked_add(floats, freq_cis, path);
-  if (!config.shared_classifier) floats = checked_add(floats, embedding, path);
-  return checked_add(detail::checkpoint_header_bytes, checked_multiply(floats, sizeof(float), path), path);
+  const std::uint64_t embedding = multiply(vocab, dim);
+  std::uint64_t per_layer = multiply(2, dim);                       // rms_att, rms_ffn
+  per_layer = add(per_layer, multiply(2, multiply(dim, dim)));     // wq, wo
+  per_layer = add(per_layer, multiply(2, multiply(kv_dim, dim)));  // wk, wv
+  per_layer = add(per_layer, multiply(3, multiply(hidden, dim)));  // w1, w2, w3
+  const std::uint64_t freq_cis = multiply(seq_len, head_dim);  // real and imag, head_dim / 2 each
+
+  std::uint64_t floats = add(embedding, multiply(layers, per_layer));
+  floats = add(floats, dim);  // rms_final
+  floats = add(floats, freq_cis);
+  if (!config.shared_classifier) floats = add(floats, embedding);
+  return add(detail::checkpoint_header_bytes, multiply(floats, sizeof(float)));
 }
 
-// Loads a llama2.c checkpoint. Throws FileFormatError naming the file and the
-// offending field or size when the file is missing, unreadable or malformed.
-inline Checkpoint load_checkpoint(const std::filesystem::path& path) {
-  const std::uint64_t actual_bytes = detail::file_size_or_throw(path, "checkpoint");
-  if (actual_bytes < detail::checkpoint_header_bytes) {
-    throw FileFormatError("checkpoint " + detail::quoted(path) + " has " + std::to_string(actual_bytes) +
-                          " bytes, fewer than the " + std::to_string(detail::checkpoint_header_bytes) +
+namespace detail {
+
+// Parses a checkpoint of `actual_bytes` bytes from `reader`. Nothing is
+// allocated before the header has been checked against `actual_bytes`, so
+// a header that claims huge tensors fails without allocating them.
+template <class Reader>
+Checkpoint read_checkpoint(Reader& reader, std::uint64_t actual_bytes, std::string_view source) {
+  if (actual_bytes < checkpoint_header_bytes) {
+    throw FileFormatError("checkpoint " + quoted(source) + " has " + std::to_string(actual_bytes) +
+                          " bytes, fewer than the " + std::to_string(checkpoint_header_bytes) +
                           "-byte header; the file is truncated or empty");
   }
-  std::ifstream in = detail::open_binary_or_throw(path, "checkpoint");
   std::int32_t header[7];
-  in.read(reinterpret_cast<char*>(header), sizeof(header));
-  if (!in) {
-    throw FileFormatError("checkpoint " + detail::quoted(path) + ": failed to read the header");
+  if (!reader.read(header, sizeof(header))) {
+    throw FileFormatError("checkpoint " + quoted(source) + ": failed to read the header");
   }
 
   Checkpoint checkpoint;
-  checkpoint.config = validate_checkpoint_header(header, path);
+  checkpoint.config = validate_checkpoint_header(header, source);
   const ModelConfig& config = checkpoint.config;
-  const std::uint64_t expected_bytes = expected_checkpoint_bytes(config, path);
+  const std::uint64_t expected_bytes = expected_checkpoint_bytes(config, source);
   if (expected_bytes != actual_bytes) {
     std::ostringstream message;
-    message << "checkpoint " << detail::quoted(path) << " has " << actual_bytes << " bytes but its header (dim "
-            << config.dim << ", hidden_dim " << config.hidden_dim << ", n_layers " << config.n_layers
-            << ", n_heads " << config.n_heads << ", n_kv_heads " << config.n_kv_heads << ", vocab_size "
-            << (config.shared_classifier ? "" : "-") << config.vocab_size << ", seq_len " << config.seq_len
-            << ") requires " << expected_bytes << " bytes; "
+    message << "checkpoint " << quoted(source) << " has " << actual_bytes << " bytes but its header ("
+            << describe_header(config) << ") requires " << expected_bytes << " bytes; "
             << (actual_bytes < expected_bytes ? "the file is truncated" : "the file has extra data")
             << ". Re-export it with llama2.c's export.py --version 0 (legacy float32 format)";
     throw FileFormatError(message.str());
@@ -280,36 +341,55 @@ inline Checkpoint load_checkpoint(const std::filesystem::path& path) {
   const int kv_dim = config.kv_dim();
   const int hidden = config.hidden_dim;
   const int layers = config.n_layers;
-  detail::read_matrix(in, checkpoint.token_embedding, config.vocab_size, dim, path, "token_embedding");
+  read_matrix(reader, checkpoint.token_embedding, config.vocab_size, dim, source, "token_embedding");
 
   // The file stores each tensor for all layers before the next tensor.
   checkpoint.layers.resize(static_cast<std::size_t>(layers));
   auto for_each_layer = [&](auto&& read_one) {
     for (auto& layer : checkpoint.layers) read_one(layer);
   };
-  for_each_layer([&](LayerWeights& l) { detail::read_vector(in, l.rms_att, dim, path, "rms_att"); });
-  for_each_layer([&](LayerWeights& l) { detail::read_matrix(in, l.wq, dim, dim, path, "wq"); });
-  for_each_layer([&](LayerWeights& l) { detail::read_matrix(in, l.wk, kv_dim, dim, path, "wk"); });
-  for_each_layer([&](LayerWeights& l) { detail::read_matrix(in, l.wv, kv_dim, dim, path, "wv"); });
-  for_each_layer([&](LayerWeights& l) { detail::read_matrix(in, l.wo, dim, dim, path, "wo"); });
-  for_each_layer([&](LayerWeights& l) { detail::read_vector(in, l.rms_ffn, dim, path, "rms_ffn"); });
-  for_each_layer([&](LayerWeights& l) { detail::read_matrix(in, l.w1, hidden, dim, path, "w1"); });
-  for_each_layer([&](LayerWeights& l) { detail::read_matrix(in, l.w2, dim, hidden, path, "w2"); });
-  for_each_layer([&](LayerWeights& l) { detail::read_matrix(in, l.w3, hidden, dim, path, "w3"); });
-  detail::read_vector(in, checkpoint.rms_final, dim, path, "rms_final");
+  for_each_layer([&](LayerWeights& l) { read_vector(reader, l.rms_att, dim, source, "rms_att"); });
+  for_each_layer([&](LayerWeights& l) { read_matrix(reader, l.wq, dim, dim, source, "wq"); });
+  for_each_layer([&](LayerWeights& l) { read_matrix(reader, l.wk, kv_dim, dim, source, "wk"); });
+  for_each_layer([&](LayerWeights& l) { read_matrix(reader, l.wv, kv_dim, dim, source, "wv"); });
+  for_each_layer([&](LayerWeights& l) { read_matrix(reader, l.wo, dim, dim, source, "wo"); });
+  for_each_layer([&](LayerWeights& l) { read_vector(reader, l.rms_ffn, dim, source, "rms_ffn"); });
+  for_each_layer([&](LayerWeights& l) { read_matrix(reader, l.w1, hidden, dim, source, "w1"); });
+  for_each_layer([&](LayerWeights& l) { read_matrix(reader, l.w2, dim, hidden, source, "w2"); });
+  for_each_layer([&](LayerWeights& l) { read_matrix(reader, l.w3, hidden, dim, source, "w3"); });
+  read_vector(reader, checkpoint.rms_final, dim, source, "rms_final");
 
   // Skip the precomputed RoPE tables: the model computes its own angles.
-  const auto freq_cis_bytes = static_cast<std::streamoff>(config.seq_len) * config.head_dim() *
-                              static_cast<std::streamoff>(sizeof(float));
-  in.seekg(freq_cis_bytes, std::ios::cur);
-  if (!config.shared_classifier) {
-    detail::read_matrix(in, checkpoint.separate_classifier, config.vocab_size, dim, path, "wcls");
-  }
-  if (!in) {
-    throw FileFormatError("checkpoint " + detail::quoted(path) +
+  const std::uint64_t freq_cis_bytes = static_cast<std::uint64_t>(config.seq_len) *
+                                       static_cast<std::uint64_t>(config.head_dim()) * sizeof(float);
+  if (!reader.skip(freq_cis_bytes)) {
+    throw FileFormatError("checkpoint " + quoted(source) +
                           ": read failed near the end of the file although its size matched the header");
   }
+  if (!config.shared_classifier) {
+    read_matrix(reader, checkpoint.separate_classifier, config.vocab_size, dim, source, "wcls");
+  }
   return checkpoint;
+}
+
+}  // namespace detail
+
+// Parses a checkpoint from a buffer holding a whole file, with the same
+// checks and messages as load_checkpoint. `source` names the buffer in error
+// messages. Throws FileFormatError naming `source` and the offending field
+// or size when the bytes are malformed.
+inline Checkpoint parse_checkpoint(std::span<const std::byte> bytes, std::string_view source) {
+  detail::MemoryReader reader(bytes);
+  return detail::read_checkpoint(reader, bytes.size(), source);
+}
+
+// Loads a llama2.c checkpoint. Throws FileFormatError naming the file and the
+// offending field or size when the file is missing, unreadable or malformed.
+inline Checkpoint load_checkpoint(const std::filesystem::path& path) {
+  const std::uint64_t actual_bytes = detail::file_size_or_throw(path, "checkpoint");
+  std::ifstream in = detail::open_binary_or_throw(path, "checkpoint");
+  detail::StreamReader reader(in);
+  return detail::read_checkpoint(reader, actual_bytes, path.string());
 }
 
 }  // namespace llama2c

@@ -9,12 +9,14 @@
 #include "checkpoint.hpp"
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <optional>
 #include <queue>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -105,66 +107,26 @@ class Tokenizer {
   // Byte-fallback tokens: byte b is token b + 3, whose piece is "<0xBB>".
   static constexpr int byte_token_offset = 3;
 
-  // Loads `path` holding `vocab_size` tokens. Throws FileFormatError naming
-  // the file and the token when a length is negative, exceeds
-  // max_token_length or runs past the end of the file, when bytes follow the
-  // last token, or when the byte-fallback tokens or the " " token are missing.
+  // Parses a tokenizer file of `vocab_size` tokens held in `bytes`, with the
+  // same checks and messages as load. `source` names the buffer in error
+  // messages. Throws std::invalid_argument when vocab_size is below 259, and
+  // FileFormatError naming `source` and the token when a length is negative,
+  // exceeds max_token_length or runs past the end, when bytes follow the last
+  // token, or when the byte-fallback tokens or the " " token are missing.
+  static Tokenizer parse(std::span<const std::byte> bytes, int vocab_size, std::string_view source) {
+    detail::MemoryReader reader(bytes);
+    return read(reader, bytes.size(), vocab_size, source);
+  }
+
+  // Loads `path` holding `vocab_size` tokens. Throws as parse does, naming the
+  // file, and FileFormatError when the file is missing or unreadable.
   static Tokenizer load(const std::filesystem::path& path, int vocab_size) {
-    const std::string where = "tokenizer " + detail::quoted(path) + ": ";
-    if (vocab_size < byte_token_offset + 256) {
-      throw std::invalid_argument(where + "vocab_size " + std::to_string(vocab_size) + " is below " +
-                                  std::to_string(byte_token_offset + 256) +
-                                  ", the 3 special and 256 byte-fallback tokens llama2.c tokenizers start with; "
-                                  "pass the model's vocab_size");
-    }
+    const std::string source = path.string();
+    require_vocab_size(vocab_size, source);  // before the file checks, so it wins over a missing file
     const std::uint64_t file_bytes = detail::file_size_or_throw(path, "tokenizer");
     std::ifstream in = detail::open_binary_or_throw(path, "tokenizer");
-
-    Tokenizer tokenizer;
-    std::uint64_t offset = 0;
-    auto read_exact = [&](void* out, std::uint64_t bytes, const std::string& what) {
-      if (offset + bytes > file_bytes) {
-        throw FileFormatError(where + what + " needs " + std::to_string(bytes) + " bytes at offset " +
-                              std::to_string(offset) + " but the file ends at " + std::to_string(file_bytes) +
-                              "; the file is truncated or holds fewer than the model's " +
-                              std::to_string(vocab_size) + " tokens");
-      }
-      in.read(static_cast<char*>(out), static_cast<std::streamsize>(bytes));
-      if (!in) throw FileFormatError(where + "read failed at offset " + std::to_string(offset));
-      offset += bytes;
-    };
-
-    std::int32_t max_token_length = 0;
-    read_exact(&max_token_length, sizeof(max_token_length), "the max_token_length header");
-    if (max_token_length <= 0) {
-      throw FileFormatError(where + "max_token_length is " + std::to_string(max_token_length) +
-                            " but must be positive; the file is not a llama2.c tokenizer");
-    }
-    tokenizer.max_token_length_ = max_token_length;
-
-    const auto count = static_cast<std::size_t>(vocab_size);
-    tokenizer.pieces_.resize(count);
-    tokenizer.scores_.resize(count);
-    for (std::size_t id = 0; id < count; ++id) {
-      const std::string token = "token " + std::to_string(id);
-      std::int32_t length = 0;
-      read_exact(&tokenizer.scores_[id], sizeof(float), token + " score");
-      read_exact(&length, sizeof(length), token + " length");
-      if (length < 0 || length > max_token_length) {
-        throw FileFormatError(where + token + " has length " + std::to_string(length) + " at offset " +
-                              std::to_string(offset - sizeof(length)) + ", outside [0, max_token_length " +
-                              std::to_string(max_token_length) + "]; the file is corrupt");
-      }
-      tokenizer.pieces_[id].resize(static_cast<std::size_t>(length));
-      read_exact(tokenizer.pieces_[id].data(), static_cast<std::uint64_t>(length), token + " bytes");
-    }
-    if (offset != file_bytes) {
-      throw FileFormatError(where + std::to_string(file_bytes - offset) + " bytes follow the last of " +
-                            std::to_string(vocab_size) +
-                            " tokens; the tokenizer does not match the model's vocab_size");
-    }
-    tokenizer.index_pieces(where);
-    return tokenizer;
+    detail::StreamReader reader(in);
+    return read(reader, file_bytes, vocab_size, source);
   }
 
   int vocab_size() const { return static_cast<int>(pieces_.size()); }
@@ -247,6 +209,83 @@ class Tokenizer {
     for (std::size_t b = 0; b < byte_characters_.size(); ++b) byte_characters_[b] = static_cast<char>(b);
   }
 
+  static void require_vocab_size(int vocab_size, std::string_view source) {
+    if (vocab_size < byte_token_offset + 256) {
+      throw std::invalid_argument("tokenizer " + detail::quoted(source) + ": vocab_size " +
+                                  std::to_string(vocab_size) + " is below " +
+                                  std::to_string(byte_token_offset + 256) +
+                                  ", the 3 special and 256 byte-fallback tokens llama2.c tokenizers start with; "
+                                  "pass the model's vocab_size");
+    }
+  }
+
+  // Parses a tokenizer file of `file_bytes` bytes from `reader`. Every size
+  // read from the file is checked against the bytes left before anything is
+  // allocated for it, so a corrupt length fails without a huge allocation.
+  template <class Reader>
+  static Tokenizer read(Reader& reader, std::uint64_t file_bytes, int vocab_size, std::string_view source) {
+    const std::string where = "tokenizer " + detail::quoted(source) + ": ";
+    require_vocab_size(vocab_size, source);
+
+    Tokenizer tokenizer;
+    std::uint64_t offset = 0;
+    auto require_available = [&](std::uint64_t bytes, const std::string& what) {
+      if (bytes > file_bytes - offset) {
+        throw FileFormatError(where + what + " needs " + std::to_string(bytes) + " bytes at offset " +
+                              std::to_string(offset) + " but the file ends at " + std::to_string(file_bytes) +
+                              "; the file is truncated or holds fewer than the model's " +
+                              std::to_string(vocab_size) + " tokens");
+      }
+    };
+    auto read_exact = [&](void* out, std::uint64_t bytes, const std::string& what) {
+      require_available(bytes, what);
+      if (!reader.read(out, bytes)) throw FileFormatError(where + "read failed at offset " + std::to_string(offset));
+      offset += bytes;
+    };
+
+    std::int32_t max_token_length = 0;
+    read_exact(&max_token_length, sizeof(max_token_length), "the max_token_length header");
+    if (max_token_length <= 0) {
+      throw FileFormatError(where + "max_token_length is " + std::to_string(max_token_length) +
+                            " but must be positive; the file is not a llama2.c tokenizer");
+    }
+    tokenizer.max_token_length_ = max_token_length;
+
+    // Each token takes at least a score and a length, so a vocab_size that
+    // the file cannot hold fails here, before the token tables are allocated.
+    const auto count = static_cast<std::size_t>(vocab_size);
+    const std::uint64_t min_token_bytes = sizeof(float) + sizeof(std::int32_t);
+    if (count > (file_bytes - offset) / min_token_bytes) {
+      throw FileFormatError(where + "the file has " + std::to_string(file_bytes) + " bytes, too few for " +
+                            std::to_string(vocab_size) + " tokens of at least " + std::to_string(min_token_bytes) +
+                            " bytes each after the 4-byte header; the file is truncated or contains fewer than "
+                            "the model's " + std::to_string(vocab_size) + " tokens");
+    }
+    tokenizer.pieces_.resize(count);
+    tokenizer.scores_.resize(count);
+    for (std::size_t id = 0; id < count; ++id) {
+      const std::string token = "token " + std::to_string(id);
+      std::int32_t length = 0;
+      read_exact(&tokenizer.scores_[id], sizeof(float), token + " score");
+      read_exact(&length, sizeof(length), token + " length");
+      if (length < 0 || length > max_token_length) {
+        throw FileFormatError(where + token + " has length " + std::to_string(length) + " at offset " +
+                              std::to_string(offset - sizeof(length)) + ", outside [0, max_token_length " +
+                              std::to_string(max_token_length) + "]; the file is corrupt");
+      }
+      require_available(static_cast<std::uint64_t>(length), token + " bytes");
+      tokenizer.pieces_[id].resize(static_cast<std::size_t>(length));
+      read_exact(tokenizer.pieces_[id].data(), static_cast<std::uint64_t>(length), token + " bytes");
+    }
+    if (offset != file_bytes) {
+      throw FileFormatError(where + std::to_string(file_bytes - offset) + " bytes follow the last of " +
+                            std::to_string(vocab_size) +
+                            " tokens; the tokenizer does not match the model's vocab_size");
+    }
+    tokenizer.index_pieces(where);
+    return tokenizer;
+  }
+
   // Returns the byte of a piece spelled exactly "<0xBB>" (hex digits in
   // either case, as llama2.c's sscanf accepts), or -1.
   static int parse_byte_piece(std::string_view piece) {
@@ -262,6 +301,26 @@ class Tokenizer {
     return high < 0 || low < 0 ? -1 : high * 16 + low;
   }
 
+  // Returns a piece for an error message: bytes outside printable ASCII
+  // become \xBB escapes, and pieces over 64 bytes are cut short with "...".
+  static std::string printable_piece(std::string_view piece) {
+    static constexpr char hex[] = "0123456789ABCDEF";
+    static constexpr std::size_t max_shown = 64;
+    std::string text;
+    for (std::size_t i = 0; i < piece.size() && i < max_shown; ++i) {
+      const auto byte = static_cast<unsigned char>(piece[i]);
+      if (byte >= 0x20 && byte < 0x7F) {
+        text += piece[i];
+      } else {
+        text += "\\x";
+        text += hex[byte >> 4];
+        text += hex[byte & 0xF];
+      }
+    }
+    if (piece.size() > max_shown) text += "...";
+    return text;
+  }
+
   void index_pieces(const std::string& where) {
     ids_.reserve(pieces_.size());
     byte_values_.assign(pieces_.size(), -1);
@@ -272,7 +331,7 @@ class Tokenizer {
     for (int b = 0; b < 256; ++b) {
       const auto id = static_cast<std::size_t>(b + byte_token_offset);
       if (byte_values_[id] != b) {
-        throw FileFormatError(where + "token " + std::to_string(id) + " is '" + pieces_[id] +
+        throw FileFormatError(where + "token " + std::to_string(id) + " is '" + printable_piece(pieces_[id]) +
                               "' but byte fallback needs the piece of byte " + std::to_string(b) +
                               " there; the file is not a llama2.c (SentencePiece) tokenizer");
       }
