@@ -87,7 +87,9 @@ class KVCache {
 
   // Bytes of keys, values, positions and state in use for size() slots.
   std::size_t memory_bytes() const { return bytes_for(size_); }
-  // Bytes allocated for capacity() slots.
+  // Bytes of keys, values, positions and state allocated for capacity()
+  // slots. The cos and sin tables of cache_relative mode (capacity() *
+  // head_dim floats) are not counted.
   std::size_t reserved_bytes() const { return bytes_for(capacity_); }
 
   // Allocates storage for at least `slots` slots per head. Never shrinks.

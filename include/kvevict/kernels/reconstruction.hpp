@@ -29,6 +29,12 @@ namespace kvevict::kernels {
 
 inline constexpr float eps_odds = 1e-6f;
 
+// Smallest e_t^2, as a fraction of o^T G o + v_t^T G v_t, that the cached
+// expanded form may return. Below it the direct form is used, so the rounding
+// error relative to e_t^2 stays below about (2d + 6) u / 1e-2, with u the
+// float unit roundoff (0.16% at d = 128).
+inline constexpr float expanded_form_min_ratio = 1e-2f;
+
 // Odds ratio a / (1 - a) with the denominator floored at eps_odds.
 inline float odds_ratio(float a) { return a / std::max(1.0f - a, eps_odds); }
 
@@ -43,7 +49,15 @@ inline std::vector<Eigen::MatrixXf> gram_matrices(const Eigen::Ref<const RowMatr
     detail::throw_invalid("gram_matrices: W_o has ", w_o.cols(), " columns, expected n_heads * head_dim = ",
                           n_heads, " * ", head_dim);
   }
-  detail::require_finite(w_o.data(), w_o.size(), "gram_matrices: W_o");
+  // Element access, not a flat scan of data(): a block of a wider matrix
+  // has rows an outer stride apart.
+  for (Eigen::Index r = 0; r < w_o.rows(); ++r) {
+    for (Eigen::Index c = 0; c < w_o.cols(); ++c) {
+      if (!std::isfinite(w_o(r, c))) {
+        detail::throw_invalid("gram_matrices: W_o(", r, ", ", c, ") is ", w_o(r, c), "; W_o must be finite");
+      }
+    }
+  }
   std::vector<Eigen::MatrixXf> grams(static_cast<std::size_t>(n_heads));
   for (int q = 0; q < n_heads; ++q) {
     const auto block = w_o.middleCols(static_cast<Eigen::Index>(q) * head_dim, head_dim);
@@ -88,8 +102,9 @@ void quadratic_forms(const Eigen::MatrixBase<ValueDerived>& values, const Eigen:
 //   o:       [d] the attention output the scores compare against
 //   gram:    G = W_o^q^T W_o^q [d x d], or nullptr for the unprojected
 //            distance ||o - v_t|| (use_wo off)
-//   cached:  [>= P] v_t^T G v_t per slot (expanded form, O(d) per token), or
-//            empty for the direct form (O(d^2) per token, no cancellation)
+//   cached:  [>= P] v_t^T G v_t per slot (expanded form, O(d) per token, and
+//            O(d^2) for the tokens where it cancels), or empty for the direct
+//            form (O(d^2) per token, no cancellation)
 //   tau:     exponent on e_t (> 0)
 //   out:     [P]
 template <class ValueDerived>
@@ -126,6 +141,19 @@ void reconstruction_scores(std::span<const float> weights, const Eigen::MatrixBa
     const float base = o.dot(u);
     squared = (-2.0f * (v * u)).array() + base;
     squared += Eigen::Map<const Eigen::VectorXf>(cached.data(), p);
+    // Cancellation: where e_t^2 is below expanded_form_min_ratio times
+    // o^T G o + v_t^T G v_t, the expansion has lost most of its digits. A
+    // token holding almost all the attention has v_t close to o and would
+    // score 0 there, so such tokens are recomputed in the direct form,
+    // O(d^2) each.
+    Eigen::VectorXf diff(d);
+    Eigen::VectorXf projected(d);
+    for (Eigen::Index t = 0; t < p; ++t) {
+      if (squared(t) >= expanded_form_min_ratio * (base + cached[static_cast<std::size_t>(t)])) continue;
+      diff = v.row(t).transpose() - o;
+      projected.noalias() = (*gram) * diff;
+      squared(t) = diff.dot(projected);
+    }
   }
   const bool square_root = tau == 1.0f;
   const float half_tau = 0.5f * tau;

@@ -111,25 +111,67 @@ struct AdaptiveKernel {
   double drift = 0.0;      // D
 };
 
-// Mean slot index of the m largest entries of `row` [n]; ties rank the later
-// slot first. O(n) with a partial selection over `scratch`.
-inline double top_m_centroid(std::span<const float> row, std::int64_t m, std::vector<std::int64_t>& scratch) {
+// Sum of the slot indices of the m largest entries of `row` [n] (m clamped
+// to [0, n]); ties rank the later slot first. O(n) with a partial selection
+// over `scratch`.
+//
+// When m is small next to n, a strided sample of the row gives a bound that
+// about 2m entries reach, and only those candidates are ranked. If fewer
+// than m reach it, the bound was too high and the whole row is ranked. The
+// top m entries are unique under the ranking (ties broken by slot), so both
+// paths return the same sum; the sampled one reads the row once and ranks a
+// few thousand candidates instead of n.
+inline std::int64_t top_m_index_sum(std::span<const float> row, std::int64_t m,
+                                    std::vector<std::int64_t>& scratch) {
   const auto n = static_cast<std::int64_t>(row.size());
   m = std::clamp<std::int64_t>(m, 0, n);
-  if (m == 0) return 0.0;
+  if (m == 0) return 0;
   scratch.resize(static_cast<std::size_t>(n));
-  for (std::int64_t t = 0; t < n; ++t) scratch[static_cast<std::size_t>(t)] = t;
   const auto ranks_before = [&](std::int64_t a, std::int64_t b) {
     const float sa = row[static_cast<std::size_t>(a)];
     const float sb = row[static_cast<std::size_t>(b)];
     return sa > sb || (sa == sb && a > b);
   };
+  const auto sum_of_first = [&](std::int64_t count) {
+    std::int64_t sum = 0;
+    for (std::int64_t i = 0; i < count; ++i) sum += scratch[static_cast<std::size_t>(i)];
+    return sum;
+  };
+
+  constexpr std::int64_t sample_size = 1024;
+  if (m < n && 8 * m <= n && n >= 4 * sample_size) {
+    const std::int64_t stride = n / sample_size;
+    for (std::int64_t k = 0; k < sample_size; ++k) scratch[static_cast<std::size_t>(k)] = k * stride;
+    // Sample rank whose value about 2m entries of the row reach, plus margin.
+    const std::int64_t rank = std::min(sample_size - 1, (2 * m * sample_size + n - 1) / n + 8);
+    std::nth_element(scratch.begin(), scratch.begin() + rank, scratch.begin() + sample_size, ranks_before);
+    const float bound = row[static_cast<std::size_t>(scratch[static_cast<std::size_t>(rank)])];
+    std::int64_t candidates = 0;
+    for (std::int64_t t = 0; t < n; ++t) {
+      scratch[static_cast<std::size_t>(candidates)] = t;
+      candidates += row[static_cast<std::size_t>(t)] >= bound ? 1 : 0;
+    }
+    if (candidates >= m) {
+      // Every entry ranked in the top m is at least the m-th largest value,
+      // which is at least `bound`, so all of them are candidates.
+      std::nth_element(scratch.begin(), scratch.begin() + (m - 1), scratch.begin() + candidates, ranks_before);
+      return sum_of_first(m);
+    }
+  }
+
+  for (std::int64_t t = 0; t < n; ++t) scratch[static_cast<std::size_t>(t)] = t;
   if (m < n) {
     std::nth_element(scratch.begin(), scratch.begin() + (m - 1), scratch.end(), ranks_before);
   }
-  double sum = 0.0;
-  for (std::int64_t i = 0; i < m; ++i) sum += static_cast<double>(scratch[static_cast<std::size_t>(i)]);
-  return sum / static_cast<double>(m);
+  return sum_of_first(m);
+}
+
+// Mean slot index of the m largest entries of `row` [n]; ties rank the later
+// slot first. 0 when m or n is 0.
+inline double top_m_centroid(std::span<const float> row, std::int64_t m, std::vector<std::int64_t>& scratch) {
+  const std::int64_t count = std::clamp<std::int64_t>(m, 0, static_cast<std::int64_t>(row.size()));
+  if (count == 0) return 0.0;
+  return static_cast<double>(top_m_index_sum(row, count, scratch)) / static_cast<double>(count);
 }
 
 // Derives ReST-KV's adaptive kernel of one query head from its window
@@ -152,16 +194,25 @@ inline AdaptiveKernel adaptive_kernel(const Eigen::Ref<const RowMatrixXf>& rows,
   if (!(scale > 0.0) || !std::isfinite(scale)) {
     detail::throw_invalid("adaptive_kernel: scale (", scale, ") must be finite and > 0");
   }
+  // D = (A * h2 - B * h1) / (m * h1 * h2), with A and B the halves' integer
+  // sums of top-m slot indices. One rounding at the final division makes D
+  // exact whenever it is representable, so D = 0 and D = -m * scale hit the
+  // rounding rules exactly (summing rounded centroids can give -1e-16 or
+  // 3.9999999999999996 there, which changes K and the shift).
   const std::int64_t first_half = w / 2;
-  double first = 0.0;
-  double second = 0.0;
+  const std::int64_t second_half = w - first_half;
+  const std::int64_t used = std::clamp<std::int64_t>(m, 0, rows.cols());
+  std::int64_t first = 0;
+  std::int64_t second = 0;
   for (std::int64_t i = 0; i < w; ++i) {
     const std::span<const float> row(rows.row(i).data(), static_cast<std::size_t>(rows.cols()));
-    const double centroid = top_m_centroid(row, m, scratch);
-    (i < first_half ? first : second) += centroid;
+    (i < first_half ? first : second) += top_m_index_sum(row, used, scratch);
   }
   AdaptiveKernel kernel;
-  kernel.drift = first / static_cast<double>(first_half) - second / static_cast<double>(w - first_half);
+  if (used > 0) {
+    kernel.drift = static_cast<double>(first * second_half - second * first_half) /
+                   static_cast<double>(used * first_half * second_half);
+  }
   const double ratio = kernel.drift / scale;
   kernel.size = std::max<std::int64_t>(k_min, 2 * static_cast<std::int64_t>(std::floor(std::abs(ratio))) + 1);
   if (rounding == ShiftRounding::trunc) {

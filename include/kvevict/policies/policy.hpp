@@ -112,7 +112,8 @@ void require_attention(std::string_view policy, const KVCache<Scalar>& cache, co
   if (rows.d1 < min_rows) {
     throw_invalid(policy, ": attention has ", rows.d1, " rows, at least ", min_rows, " needed");
   }
-  require_finite(rows.data, rows.numel(), std::string(policy) + ": attention");
+  // The message is built only on failure, so a decode step does not allocate.
+  if (!all_finite(rows.data, rows.numel())) require_finite(rows.data, rows.numel(), std::string(policy) + ": attention");
 }
 
 }  // namespace detail

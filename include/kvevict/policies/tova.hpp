@@ -93,10 +93,11 @@ class TOVA {
   }
 
   // Keeps the protected slots and the best-scored others by the newest row;
-  // all slots when size() <= budget.
+  // all slots when size() <= budget. Rows are required only to cut, because
+  // an empty cache has none to give. Rows that are given are checked anyway.
   void select(const KVCache<Scalar>& cache, const Observation& observation, KeepPlan& plan) {
-    detail::require_attention("TOVA", cache, observation, 1);
     const std::int64_t n = cache.size();
+    detail::require_attention("TOVA", cache, observation, n > config_.budget ? 1 : 0);
     const std::int64_t keep = std::min(n, config_.budget);
     plan.reset(cache.n_kv_heads(), keep);
     if (n <= config_.budget) {
