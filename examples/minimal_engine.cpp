@@ -47,9 +47,12 @@ int main(int argc, char** argv) try {
   const std::int64_t budget = argc > 2 ? std::stoll(argv[2]) : 24;
   const std::int64_t steps = argc > 3 ? std::stoll(argv[3]) : 200;
 
-  // One policy object per layer; scorers also get the layer's W_o.
+  // One policy object per layer: this loop is layer 0 of a 4-layer model
+  // (LaCache staggers its ladder by layer). ReST-KV also reads the layer's
+  // output projection W_o [model width, n_heads * head_dim].
+  const kvevict::RowMatrixXf w_o = kvevict::RowMatrixXf::Random(n_heads * head_dim, n_heads * head_dim);
   kvevict::PolicyOptions options{.name = policy_name, .budget = budget, .window = 8, .slack = -1,
-                                 .n_heads = n_heads, .n_kv_heads = n_kv_heads, .head_dim = head_dim};
+                                 .layer = 0, .n_layers = 4, .n_heads = n_heads, .n_kv_heads = n_kv_heads, .head_dim = head_dim, .w_o = &w_o};
   auto policy = kvevict::make_policy<float>(options);
   const kvevict::ObservationNeeds needs = policy.needs();
 

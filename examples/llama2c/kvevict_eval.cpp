@@ -300,6 +300,9 @@ int run_generate_command(const Arguments& arguments) {
   llama2c::Model model(llama2c::load_checkpoint(files.model));
   const auto tokenizer = llama2c::Tokenizer::load(files.tokenizer, model.config().vocab_size);
   const std::string positions = arguments.text("positions", "cache_relative");
+  if (positions != "cache_relative" && positions != "original") {
+    throw eval::UsageError("--positions '" + positions + "' is invalid; use cache_relative or original");
+  }
   const auto mode = positions == "original" ? kvevict::PositionMode::original : kvevict::PositionMode::cache_relative;
   const auto start = std::chrono::steady_clock::now();
   std::int64_t generated = 0;
