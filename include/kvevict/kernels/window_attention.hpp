@@ -99,8 +99,10 @@ inline void window_attention(const Eigen::Ref<const RowMatrixXf>& queries,
   }
 }
 
-// Scratch storage for group_window_attention, reused across calls so that
-// repeated scoring does not allocate once it has reached its largest size.
+// Scratch storage for group_window_attention, reused across calls. Its Eigen
+// matrices reallocate whenever their size changes, so repeated scoring stops
+// allocating only when every call sees the same cache size (as decode-time
+// re-scoring does, at budget + slack + 1 slots).
 struct WindowAttentionWorkspace {
   RowMatrixXf keys;                        // [n, d] rotated keys of one KV head (unused for
                                            // float keys in original mode, read in place)
