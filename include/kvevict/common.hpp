@@ -23,7 +23,7 @@ using RowMatrixXf = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::
 template <class Scalar>
 using RowMatrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-// How a cached key is rotated by rotary position embedding (RoPE).
+// Rotation convention of cached keys under rotary position embedding (RoPE).
 //  - original: keys are stored rotated at their token position.
 //  - cache_relative: keys are stored before rotation and rotated at
 //    attention time as the position equal to their slot index, so every
@@ -66,7 +66,7 @@ inline bool all_finite(const float* data, std::int64_t count) {
 }
 
 // Throws std::invalid_argument naming `what` and the first offending index
-// when `data` holds NaN or infinity.
+// when `data` contains NaN or infinity.
 inline void require_finite(const float* data, std::int64_t count, std::string_view what) {
   if (all_finite(data, count)) return;
   for (std::int64_t i = 0; i < count; ++i) {

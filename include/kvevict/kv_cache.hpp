@@ -6,8 +6,8 @@
 //               positions [slots]           original token position, increasing
 //               state  [channels x slots]   float arrays a policy owns
 //
-// Every head holds the same number of slots, but after per-head eviction the
-// heads may hold different tokens. Slots are always in increasing position
+// Every head stores the same number of slots, but after per-head eviction the
+// heads may store different tokens. Slots are always in increasing position
 // order. `keep(plan)` is the only operation that removes tokens; it moves
 // keys, values, positions and every state channel with the same indices.
 //
@@ -196,7 +196,7 @@ class KVCache {
     return {state_.data() + state_offset(j, channel), static_cast<std::size_t>(size_)};
   }
 
-  // Writes the keys of head j as attention sees them into `out`
+  // Writes the keys of head j as attention reads them into `out`
   // [size() x head_dim] float: converted from storage, and in cache_relative
   // mode rotated as position = slot index. Uses tables precomputed for the
   // reserved capacity, so it does not allocate.
@@ -217,8 +217,8 @@ class KVCache {
   }
 
   // Rotates a query (or key) vector [head_dim] in place as position `slot`
-  // in cache_relative mode; does nothing in original mode, where queries are
-  // rotated at their token positions by the engine.
+  // in cache_relative mode. It does nothing in original mode, because there
+  // the engine rotates queries at their token positions.
   void rotate_at_slot(std::span<float> vector, std::int64_t slot) const {
     if (config_.positions != PositionMode::cache_relative) return;
     if (static_cast<int>(vector.size()) != config_.head_dim) {

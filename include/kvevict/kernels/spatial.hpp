@@ -98,7 +98,7 @@ inline void shifted_avg_pool(std::span<const float> in, std::int64_t k, std::int
   }
 }
 
-// How ReST-KV rounds the adaptive shift sh = D / S_a.
+// Rounding rule of ReST-KV's adaptive shift sh = D / S_a.
 //  - trunc: toward zero (kvevict's default).
 //  - reference: floor(D / S_a) if D > 0, else floor(D / S_a) + 1, as the
 //    reference code computes it. It agrees with trunc for negative non-integer

@@ -101,7 +101,7 @@ inline void window_attention(const Eigen::Ref<const RowMatrixXf>& queries,
 
 // Scratch storage for group_window_attention, reused across calls. Its Eigen
 // matrices reallocate whenever their size changes, so repeated scoring stops
-// allocating only when every call sees the same cache size (as decode-time
+// allocating only when every call scores the same cache size (as decode-time
 // re-scoring does, at budget + slack + 1 slots).
 struct WindowAttentionWorkspace {
   RowMatrixXf keys;                        // [n, d] rotated keys of one KV head (unused for
@@ -139,7 +139,7 @@ void group_window_attention(const KVCache<Scalar>& cache, int j, const Tensor3Vi
   }
   const std::int64_t groups = n_heads / cache.n_kv_heads();
 
-  // Float keys stored rotated (original mode) are what attention sees, so
+  // Float keys stored rotated (original mode) are what attention reads, so
   // they are read in place; other caches are converted (and rotated) into
   // the workspace.
   constexpr bool float_storage = std::is_same_v<Scalar, float>;
